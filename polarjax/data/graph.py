@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 
 class Graph(NamedTuple):
@@ -41,6 +42,9 @@ class Graph(NamedTuple):
       n_atoms: [G] int32, real atoms per structure.
       kweights: [G, M1 + 1, 2 M2 + 1, 2 M3 + 1] half-space k-grid weights
         (see ``polarjax.electrostatics.kgrid``); zeros for open structures.
+      graph_atoms: [G, A] int32, the flat indices of each structure's atoms (A = the
+        padded largest structure), −1 for empty slots; the per-structure layout the
+        electrostatics works in (see :func:`graph_atom_table`).
     """
 
     positions: jnp.ndarray
@@ -57,6 +61,27 @@ class Graph(NamedTuple):
     graph_mask: jnp.ndarray
     n_atoms: jnp.ndarray
     kweights: jnp.ndarray
+    graph_atoms: jnp.ndarray
+
+
+def graph_atom_table(graph_index: np.ndarray, node_mask: np.ndarray, num_graphs: int, max_atoms: int) -> np.ndarray:
+    """Host-side [G, A] table of each graph's atom indices (−1 padded), in flat order.
+
+    Args:
+      graph_index: [N] graph of each atom. node_mask: [N] real atoms.
+      num_graphs: G. max_atoms: A, at least the largest structure.
+    """
+    graph_index = np.asarray(graph_index)
+    node_mask = np.asarray(node_mask, bool)
+    table = -np.ones((num_graphs, max_atoms), dtype=np.int32)
+    counts = np.zeros(num_graphs, dtype=np.int64)
+    for atom in np.flatnonzero(node_mask):
+        g = graph_index[atom]
+        if counts[g] >= max_atoms:
+            raise ValueError(f"graph {g} has more than max_atoms={max_atoms} atoms")
+        table[g, counts[g]] = atom
+        counts[g] += 1
+    return table
 
 
 def edge_vectors(graph: Graph, positions: jnp.ndarray | None = None, cell: jnp.ndarray | None = None) -> jnp.ndarray:
