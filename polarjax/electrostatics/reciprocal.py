@@ -85,7 +85,8 @@ def _channel_sums_block(frac, coef, bounds):
       * [coef ⊗ e1 ⊗ e2] (n × C·A·B) times e3 (n × Z), when C·A < Z;
       * [coef ⊗ e1] (n × C·A) times [e2 ⊗ e3] (n × B·Z), otherwise.
     The outer products are written as einsums (dot_general), whose transposes XLA
-    evaluates as fast batched contractions in the backward pass.
+    evaluates as fast batched contractions in the backward pass; the large product of the
+    second form uses three real matrix products instead of four (Gauss).
 
     Args:
       frac: [n, 3] fractional coordinates in [0, 1).
@@ -101,9 +102,20 @@ def _channel_sums_block(frac, coef, bounds):
     if num_channels * (m1 + 1) < 2 * m3 + 1:
         left = jnp.einsum("nc,na,nb->ncab", coef, e1, e2).reshape(n, -1)
         return (left.T @ e3).reshape(num_channels, m1 + 1, 2 * m2 + 1, 2 * m3 + 1)
-    left = jnp.einsum("nc,na->nca", coef, e1).reshape(n, -1)
-    right = jnp.einsum("nb,nz->nbz", e2, e3).reshape(n, -1)
-    return (left.T @ right).reshape(num_channels, m1 + 1, 2 * m2 + 1, 2 * m3 + 1)
+    else:
+        left = jnp.einsum("nc,na->nca", coef, e1).reshape(n, -1)
+        right = jnp.einsum("nb,nz->nbz", e2, e3).reshape(n, -1)
+    return _complex_gram(left, right).reshape(num_channels, m1 + 1, 2 * m2 + 1, 2 * m3 + 1)
+
+
+def _complex_gram(left, right):
+    """leftᵀ @ right for complex [n, p] and [n, r] with three real products (Gauss)."""
+    lr, li = jnp.real(left), jnp.imag(left)
+    rr, ri = jnp.real(right), jnp.imag(right)
+    p1 = lr.T @ rr
+    p2 = li.T @ ri
+    p3 = (lr + li).T @ (rr + ri)
+    return jax.lax.complex(p1 - p2, p3 - p1 - p2)
 
 
 def _block_floats(num_channels, bounds):
