@@ -165,9 +165,7 @@ def train(config, workdir: str | Path, overwrite: bool = False) -> dict:
     batch_size = int(config.train.batch_size)
     if batch_size % num_devices:
         raise ValueError(f"train.batch_size={batch_size} must be a multiple of the number of devices ({num_devices})")
-    builder = BatchBuilder(spec, float(config.model.encoder_kwargs.cutoff), dtype=dtype,
-                           node_multiple=int(config.data.get("pad_node_multiple", 32)),
-                           edge_multiple=int(config.data.get("pad_edge_multiple", 256)))
+    builder = BatchBuilder(spec, float(config.model.encoder_kwargs.cutoff), dtype=dtype)
     train_frames = datasets["train"]
     steps_per_epoch = max(1, len(train_frames) // batch_size)
     num_steps = int(config.train.num_steps)
@@ -287,48 +285,34 @@ def boundary_of_frames(frames) -> str:
     return "mixed"
 
 
-def evaluate_frames(predict, builder, params, frames, batch_size: int, collect: bool = False):
-    """RMSE/MAE of energy per atom (meV/atom), forces (meV/Å) and stress (meV/Å³).
+def evaluate_frames(predict, builder, params, frames, batch_size: int) -> dict:
+    """RMSE/MAE of energy per atom (meV/atom) and forces (meV/Å), per-element force RMSE."""
+    from ase.data import chemical_symbols
 
-    With ``collect`` also returns the per-frame predictions (host numpy).
-    """
     acc = ErrorAccumulator()
-    per_element = {}
-    predictions = []
+    per_element: dict[int, ErrorAccumulator] = {}
     for start in range(0, len(frames), batch_size):
         chunk = frames[start:start + batch_size]
         graph, labels = builder.build(chunk)
         out = jax.device_get(predict(params, graph))
-        energies = np.asarray(out["energy"])
-        forces = np.asarray(out["forces"])
         offset = 0
         for g, frame in enumerate(chunk):
             n = frame.num_atoms
-            f_pred = forces[offset:offset + n]
-            offset = offset + builder.atoms_slot(n)
             if "energy" in frame.labels:
-                acc.add("energy", 1e3 * (energies[g] - frame.labels["energy"]) / n)
+                acc.add("energy", 1e3 * (float(out["energy"][g]) - float(labels["energy"][g])) / n)
             if "forces" in frame.labels:
-                residual = 1e3 * (f_pred - frame.labels["forces"])
+                residual = 1e3 * (np.asarray(out["forces"][offset:offset + n], np.float64) - frame.labels["forces"])
                 acc.add("forces", residual)
                 for z in np.unique(frame.numbers):
                     per_element.setdefault(int(z), ErrorAccumulator()).add("forces", residual[frame.numbers == z])
-            if collect:
-                predictions.append({k: np.asarray(v)[offset - builder.atoms_slot(n):offset - builder.atoms_slot(n) + n]
-                                    if np.ndim(v) >= 1 and np.shape(v)[0] == forces.shape[0] else None
-                                    for k, v in out.items() if k not in ("terms",)} | {"energy": float(energies[g])})
+            offset += n
     result = acc.result()
     errors = {"n_frames": len(frames), "n_atoms": int(sum(f.num_atoms for f in frames))}
     rename = {"energy_rmse": "energy_rmse_meV_per_atom", "energy_mae": "energy_mae_meV_per_atom",
               "forces_rmse": "forces_rmse_meV_per_A", "forces_mae": "forces_mae_meV_per_A"}
-    for key, value in result.items():
-        if key in rename:
-            errors[rename[key]] = value
-    from ase.data import chemical_symbols
+    errors.update({rename[k]: v for k, v in result.items() if k in rename})
     errors["forces_rmse_meV_per_A_by_element"] = {chemical_symbols[z]: a.result()["forces_rmse"]
                                                   for z, a in sorted(per_element.items())}
-    if collect:
-        return errors, predictions
     return errors
 
 

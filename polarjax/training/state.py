@@ -40,7 +40,7 @@ def _sharded_terms(model, params, shards, labels, boundary, huber_delta, use_str
     """Loss terms summed over the leading shard axis (vmap; each shard a padded batch)."""
 
     def one(graph, label):
-        pred = model.properties(params, graph, boundary=boundary, stress=use_stress)
+        pred = model.properties(params, graph, boundary=boundary, stress=use_stress, include_e0=False)
         return loss_terms(pred, label, graph, huber_delta)
 
     per_shard = jax.vmap(one)(shards, labels)
@@ -83,9 +83,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, boundary: st
 
 
 def make_predict(model, boundary: str, use_stress: bool):
-    """Jitted predict(params, graph) → properties (energy, forces, stress, sources...)."""
+    """Jitted predict(params, graph) → properties; ``energy`` excludes E0 (add it on the host)."""
 
     def predict(params, graph):
-        return model.properties(params, graph, boundary=boundary, stress=use_stress)
+        return model.properties(params, graph, boundary=boundary, stress=use_stress, include_e0=False)
 
     return jax.jit(predict)
