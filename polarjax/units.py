@@ -9,7 +9,7 @@ import math
 #: 1 / (2 eps0) in eV·Å/e² (the latent-Ewald convention, taken exactly as written).
 HALF_INV_EPS0 = 90.4756
 
-#: 1 / (4 pi eps0) in eV·Å/e², derived from HALF_INV_EPS0 (= 14.399645...).
+#: 1 / (4 pi eps0) in eV·Å/e², derived from HALF_INV_EPS0 (= 14.399639...).
 COULOMB = HALF_INV_EPS0 / (2.0 * math.pi)
 
 #: Default Gaussian smearing width sigma (Å) and k-space resolution dl (Å).
