@@ -27,6 +27,8 @@ def get_config():
     c.train.time_budget_minutes = 10.0
     c.train.eval_every = 100
     c.optim.lr = 5e-3
-    c.loss.stages = [dict(start_step=0, energy=1.0, forces=10.0, stress=0.0),
-                     dict(start_step=1200, energy=50.0, forces=10.0, stress=0.0)]
+    # Energy per atom (eV) and force (eV/Å) errors differ by ~10x in size: weight them so both
+    # matter, and raise the energy weight for the last part of training.
+    c.loss.stages = [dict(start_step=0, energy=100.0, forces=10.0, stress=0.0),
+                     dict(start_step=1000, energy=1000.0, forces=10.0, stress=0.0)]
     return c

@@ -10,8 +10,6 @@ is refused unless --overwrite (which moves the old directory aside, it never del
 
 from __future__ import annotations
 
-import json
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -30,8 +28,17 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from polarjax.training.loop import train
 
+    from polarjax.training.evaluation import format_table
+
     summary = train(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
-    print(json.dumps(summary, indent=2))
+    print(f"stopped after {summary['steps']} steps ({summary['stop_reason']}), "
+          f"{summary['train_time_s'] / 60:.1f} min, best step {summary['best_step']}, "
+          f"{summary['num_compiled_shapes']} compiled batch shapes")
+    for split in ("valid", "test"):
+        if split in summary:
+            print(f"\n{split} set (best EMA parameters):")
+            print(format_table(summary[split]))
+    print(f"\nsummary: {FLAGS.workdir}/summary.json")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def _differences(a: dict, b: dict, prefix=""):
 
 def load_datasets(data_config) -> dict:
     """Read train/valid/test frames (explicit files or a seeded split of ``train_file``)."""
-    keys = dict(data_config.get("keys", {}) or {})
+    label_keys = data_config.get("label_keys")
+    keys = label_keys.to_dict() if hasattr(label_keys, "to_dict") else dict(label_keys or {})
     skip = bool(data_config.get("skip_invalid", False))
     train_file = data_config.get("train_file")
     if not train_file:
