@@ -51,9 +51,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.huber_delta = ml_collections.FieldReference(None, field_type=float)
-    # Loss-weight stages: forces first, energy weight raised late (as in the reference recipes).
-    c.loss.stages = [dict(start_step=0, energy=1.0, forces=10.0, stress=0.0),
-                     dict(start_step=10**9, energy=100.0, forces=10.0, stress=0.0)]
+    # Energy per atom (eV) and force (eV/Å) errors differ by ~10x in size: weight both so they
+    # matter. For the last `final_fraction` of the steps the final weights apply (energy raised
+    # late in training, as in the MACE/NequIP recipes).
+    c.loss.energy_weight = 100.0
+    c.loss.forces_weight = 10.0
+    c.loss.stress_weight = 0.0
+    c.loss.final_fraction = 0.2
+    c.loss.final_energy_weight = 1000.0
+    c.loss.final_forces_weight = 10.0
+    c.loss.final_stress_weight = 0.0
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000

@@ -27,6 +27,4 @@ def get_config():
     c.train.num_steps = 3000
     c.train.eval_every = 200
     c.optim.lr = 3e-3
-    c.loss.stages = [dict(start_step=0, energy=1.0, forces=10.0, stress=0.0),
-                     dict(start_step=2400, energy=50.0, forces=10.0, stress=0.0)]
     return c

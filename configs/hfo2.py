@@ -26,6 +26,6 @@ def get_config():
     c.train.num_steps = 2000
     c.train.eval_every = 100
     c.optim.lr = 3e-3
-    c.loss.stages = [dict(start_step=0, energy=1.0, forces=10.0, stress=10.0),
-                     dict(start_step=1600, energy=50.0, forces=10.0, stress=10.0)]
+    c.loss.stress_weight = 1000.0
+    c.loss.final_stress_weight = 1000.0
     return c

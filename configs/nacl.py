@@ -23,12 +23,11 @@ def get_config():
     c.model.sigma = 1.0
     c.model.dl = 2.0
     c.train.batch_size = 4
-    c.train.num_steps = 1500
+    c.train.num_steps = 3000
     c.train.time_budget_minutes = 10.0
     c.train.eval_every = 100
     c.optim.lr = 5e-3
-    # Energy per atom (eV) and force (eV/Å) errors differ by ~10x in size: weight them so both
-    # matter, and raise the energy weight for the last part of training.
-    c.loss.stages = [dict(start_step=0, energy=100.0, forces=10.0, stress=0.0),
-                     dict(start_step=1000, energy=1000.0, forces=10.0, stress=0.0)]
+    c.loss.energy_weight = 100.0
+    c.loss.forces_weight = 10.0
+    c.loss.final_energy_weight = 1000.0
     return c

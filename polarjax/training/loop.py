@@ -27,7 +27,7 @@ from polarjax.training.checkpoint import Checkpoints
 from polarjax.training.dataset import (DataError, check_species, fit_atomic_energies, read_frames, species_of,
                                        split_indices)
 from polarjax.training.logging import MetricsLogger, ProgressBar
-from polarjax.training.loss import ErrorAccumulator, weights_at_step
+from polarjax.training.loss import ErrorAccumulator, stages_from_config, weights_at_step
 from polarjax.training.optim import build_optimizer
 from polarjax.training.state import TrainState, data_mesh, make_predict, make_train_step
 
@@ -171,7 +171,8 @@ def train(config, workdir: str | Path, overwrite: bool = False) -> dict:
     steps_per_epoch = max(1, len(train_frames) // batch_size)
     num_steps = int(config.train.num_steps)
     optimizer = build_optimizer(config.optim, num_steps)
-    use_stress = float(max(s.get("stress", 0.0) for s in config.loss.stages)) > 0
+    stages = stages_from_config(config.loss, num_steps)
+    use_stress = max(stage["stress"] for stage in stages) > 0
 
     boundary = "mixed"
     boundaries = {boundary_of_frames(train_frames)}
@@ -225,7 +226,7 @@ def train(config, workdir: str | Path, overwrite: bool = False) -> dict:
             order = np.random.default_rng([seed, epoch]).permutation(len(train_frames))
             chosen = [train_frames[i] for i in order[position * batch_size:(position + 1) * batch_size]]
             shards, labels = builder.build_sharded(chosen, num_devices)
-            weights = weights_at_step(config.loss.stages, int(state.step))
+            weights = weights_at_step(stages, int(state.step))
             state, metrics = train_step(state, shards, labels, jnp.asarray(weights, dtype))
             step = int(state.step)
             metrics = {k: float(v) for k, v in metrics.items()}

@@ -5,8 +5,9 @@ Per batch (padding graphs/atoms excluded through the masks):
     L = w_E · mean_g ρ((E_g − Ê_g) / n_g) + w_F · mean_{i,α} ρ(F_iα − F̂_iα) + w_S · mean_{g periodic} ρ(σ_g − σ̂_g)
 
 with ρ(x) = x² (MSE) or the Huber function of width ``huber_delta`` (eV/atom, eV/Å, eV/Å³;
-the same δ for all terms). Loss-weight *stages* change (w_E, w_F, w_S) at given steps, e.g.
-raising the energy weight late in training.
+the same δ for all terms). Two loss-weight *stages*: (w_E, w_F, w_S) for most of training,
+then (final weights) for the last ``final_fraction`` of the steps, e.g. raising the energy
+weight late in training as the MACE/NequIP recipes do.
 """
 
 from __future__ import annotations
@@ -78,6 +79,24 @@ def combine_loss(terms: Mapping[str, Any], weights: LossWeights):
             value, count = terms[name]
             total = total + weight * value / jnp.maximum(count, 1.0)
     return total
+
+
+def stages_from_config(loss_config, num_steps: int) -> list[dict]:
+    """The two stages from ``loss`` config keys energy_weight, forces_weight, stress_weight,
+    final_fraction and final_{energy,forces,stress}_weight (final ones default to the first)."""
+    get = lambda key, default: default if loss_config.get(key) is None else float(loss_config.get(key))
+    first = dict(start_step=0, energy=get("energy_weight", 1.0), forces=get("forces_weight", 10.0),
+                 stress=get("stress_weight", 0.0))
+    fraction = get("final_fraction", 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"loss.final_fraction must be in [0, 1), got {fraction}")
+    stages = [first]
+    if fraction > 0:
+        stages.append(dict(start_step=int(round((1.0 - fraction) * num_steps)),
+                           energy=get("final_energy_weight", first["energy"]),
+                           forces=get("final_forces_weight", first["forces"]),
+                           stress=get("final_stress_weight", first["stress"])))
+    return stages
 
 
 def weights_at_step(stages: Sequence[Mapping[str, Any]], step: int) -> LossWeights:
