@@ -158,7 +158,7 @@ class Model:
 
     # -- forward --------------------------------------------------------------------------
     def apply(self, params, graph: Graph, positions=None, cell=None, external_field=None, boundary: str = "mixed",
-              need_fields: bool = False):
+              need_fields: bool = False, include_e0: bool = True):
         """Energies and per-atom outputs.
 
         Args:
@@ -167,6 +167,9 @@ class Model:
           external_field: [G, 3] uniform field per structure (V/Å) or None.
           boundary: static 'periodic' | 'open' | 'mixed'.
           need_fields: also compute potentials and fields when the variant does not need them.
+          include_e0: add the per-element reference energies to ``energy``. Training and
+            evaluation use False with E0 removed from the labels in float64 on the host:
+            totals of ~1e5 eV would otherwise lose meV/atom precision in float32.
 
         Returns:
           dict: energy [G], energy_sr [G], energy_lr [G], energy_e0 [G], atomic_energy_sr [N],
@@ -229,14 +232,17 @@ class Model:
                                ("potential", result.potential), ("field", result.field)):
                 out[key] = _to_flat_layout(value, table, num_atoms)
             out["terms"] = {k: jnp.where(graph.graph_mask, v, 0.0) for k, v in result.terms.items()}
-        out["energy"] = jnp.where(graph.graph_mask, out["energy_e0"] + energy_sr + out["energy_lr"], 0.0)
+        e0 = out["energy_e0"] if include_e0 else 0.0
+        out["energy"] = jnp.where(graph.graph_mask, e0 + energy_sr + out["energy_lr"], 0.0)
         return out
 
-    def energy(self, params, graph: Graph, positions=None, cell=None, external_field=None, boundary="mixed"):
+    def energy(self, params, graph: Graph, positions=None, cell=None, external_field=None, boundary="mixed",
+               include_e0: bool = True):
         """Total energy per structure [G] (eV)."""
-        return self.apply(params, graph, positions, cell, external_field, boundary)["energy"]
+        return self.apply(params, graph, positions, cell, external_field, boundary, include_e0=include_e0)["energy"]
 
-    def properties(self, params, graph: Graph, external_field=None, boundary: str = "mixed", stress: bool = True):
+    def properties(self, params, graph: Graph, external_field=None, boundary: str = "mixed", stress: bool = True,
+                   include_e0: bool = True):
         """Energy [G], forces [N, 3] (eV/Å), stress [G, 3, 3] (eV/Å³; zero for open) and outputs.
 
         Forces are −∂E/∂r; the stress is (1/V) ∂E/∂ε for the homogeneous strain
@@ -249,7 +255,8 @@ class Model:
             deformation = jnp.eye(3, dtype=dtype) + strain
             strained_positions = jnp.einsum("ni,nij->nj", positions, deformation[graph.graph_index])
             strained_cell = jnp.einsum("gij,gjk->gik", graph.cell, deformation)
-            out = self.apply(params, graph, strained_positions, strained_cell, external_field, boundary)
+            out = self.apply(params, graph, strained_positions, strained_cell, external_field, boundary,
+                             include_e0=include_e0)
             return jnp.sum(out["energy"]), out
 
         strain = jnp.zeros((num_graphs, 3, 3), dtype)

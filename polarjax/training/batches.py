@@ -38,13 +38,17 @@ class BatchBuilder:
 
     def prepared(self, frame: Frame):
         """Species, neighbor list and k-bounds of ``frame`` (computed once)."""
+        # Keyed by id(); the cache keeps the frame alive so that its id cannot be reused by
+        # another (temporary) frame, which would silently get this frame's graph.
         key = id(frame)
-        if key not in self._prepared:
+        cached = self._prepared.get(key)
+        if cached is None or cached[0] is not frame:
             try:
-                self._prepared[key] = prepare_structure(frame, self.species_table, self.cutoff, self.spec.dl)
+                cached = (frame, prepare_structure(frame, self.species_table, self.cutoff, self.spec.dl))
             except ValueError as error:
                 raise ValueError(f"{frame.source}: {error}") from None
-        return self._prepared[key]
+            self._prepared[key] = cached
+        return cached[1]
 
     def reference_energy(self, frame: Frame) -> float:
         """Σ E0 of the frame's atoms in float64 (0 when the model has no E0)."""
