@@ -32,7 +32,9 @@ def _irrep2_to_cartesian_matrix() -> np.ndarray:
     harmonics = _l2_harmonics_float64(vectors)
     reference = np.asarray(e3nn.spherical_harmonics("2e", vectors.astype(np.float32), normalize=False,
                                                     normalization="component").array, dtype=np.float64)
-    if not np.allclose(harmonics, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max()):
+    # A changed convention gives O(1) differences; the tolerance only absorbs float32 and
+    # accelerator (TF32) round-off.
+    if not np.allclose(harmonics, reference, rtol=1e-2, atol=1e-2 * np.abs(reference).max()):
         raise RuntimeError("e3nn's l=2 harmonics convention changed; update polarjax.cartesian")
     outer = np.einsum("ni,nj->nij", vectors, vectors)
     traceless = outer - np.einsum("nii->n", outer)[:, None, None] * np.eye(3) / 3.0
