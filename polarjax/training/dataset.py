@@ -183,12 +183,13 @@ def read_frames(path: str | Path, keys: Optional[Mapping[str, Optional[str]]] = 
         raise DataError(f"{path}: file is empty")
     merged = dict(DEFAULT_KEYS)
     merged.update(dict(keys or {}))
-    try:
-        images = ase.io.read(str(path), index=index)
+    images = []
+    try:  # frame by frame, so that a parse error can say where it happened
+        for atoms in ase.io.iread(str(path), index=index):
+            images.append(atoms)
     except Exception as error:  # ASE raises many types for malformed files
-        raise DataError(f"{path}: could not be parsed by ASE: {type(error).__name__}: {error}") from error
-    if not isinstance(images, list):
-        images = [images]
+        raise DataError(f"{path}: could not be parsed by ASE after {len(images)} good frame(s) (the problem is at or "
+                        f"after frame {len(images)}): {type(error).__name__}: {error}") from error
     if not images:
         raise DataError(f"{path}: contains no frames")
     frames, skipped = [], []

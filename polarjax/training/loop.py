@@ -55,6 +55,10 @@ def prepare_run_dir(workdir: str | Path, config_dict: dict, overwrite: bool) -> 
         saved = path / "config.json"
         if overwrite:
             backup = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            suffix = 1
+            while backup.exists():  # never move into (or over) an earlier backup of the same second
+                backup = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
+                suffix += 1
             shutil.move(str(path), str(backup))
             print(f"moved the existing run directory aside to {backup}")
         elif saved.exists():
@@ -186,6 +190,8 @@ def train(config, workdir: str | Path, overwrite: bool = False) -> dict:
     seed = int(config.train.get("seed", 0))
     example_graph, _ = builder.build(train_frames[:batch_size // num_devices])
     params = model.init(jax.random.PRNGKey(seed), example_graph)
+    # flax creates float32 parameters; train.float64 means float64 parameters and optimizer state too.
+    params = jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     ema_params = jax.tree_util.tree_map(jnp.copy, params)  # distinct buffers (the step donates its state)
     state = TrainState(params, optimizer.init(params), ema_params, jnp.asarray(0), jax.random.key_data(jax.random.PRNGKey(seed)),
                        jnp.asarray(0), jnp.asarray(0))
@@ -264,6 +270,7 @@ def train(config, workdir: str | Path, overwrite: bool = False) -> dict:
         checkpoints.save_best(int(state.step), state, meta())
     best = checkpoints.restore_best(state)
     best_params = best[0].ema_params if best is not None else state.ema_params
+    best_params = jax.device_get(best_params)  # restored arrays are committed: avoid recompiling `predict`
     summary = {"stop_reason": stop_reason, "steps": int(state.step), "best_step": best_step,
                "train_time_s": time.time() - start_time, "num_compiled_shapes": builder.num_shapes,
                "split_sizes": run_info["split_sizes"]}
