@@ -10,7 +10,7 @@ after a warm-up call). It reports atoms/s and the long-range overhead: time / ti
 Systems:
   water  the first B frames of ../shared/data/water_rpbe_d3.xyz (192 atoms, periodic
          12.4 Å box); batch size 1 is the first frame
-  nacl   the first B frames of the bundled nacl_clusters.xyz (17-atom Na9Cl8+ clusters, open)
+  nacl   the first B 17-atom frames (Na9Cl8+ clusters, open) of the bundled nacl_clusters.xyz
 Cutoff 4.5 Å, sigma 1 Å, dl 2 Å; moderate hyperparameters (ENCODER_KWARGS: 16 channels,
 l_max 2, 2 layers, 8 radial functions).
 
@@ -55,15 +55,21 @@ QUICK = dict(encoders=("nequip", "allegro"), variants=("sr", "les"), systems=("w
              repeats=3)
 
 
+#: Atoms per frame of each system (the NaCl file also holds 16-atom Na8Cl8+ clusters; they are skipped).
+SYSTEM_ATOMS = {"water": 192, "nacl": 17}
+
+
 def load_frames(system: str, count: int, water_path: Path):
-    """The first ``count`` frames of a system and its boundary ('periodic' or 'open')."""
+    """The first ``count`` frames of a system with SYSTEM_ATOMS atoms, and its boundary ('periodic' or 'open')."""
     from polarjax.data.bundled import bundled_path
     from polarjax.training.dataset import read_frames
 
     path = water_path if system == "water" else bundled_path("nacl_clusters.xyz")
-    frames, _ = read_frames(path, index=f":{count}", require=())
+    frames, _ = read_frames(path, index=f":{4 * count}", require=())
+    frames = [f for f in frames if f.num_atoms == SYSTEM_ATOMS[system]][:count]
     if len(frames) < count:
-        raise ValueError(f"{path} has only {len(frames)} frames, {count} requested")
+        raise ValueError(f"{path}: only {len(frames)} frames with {SYSTEM_ATOMS[system]} atoms among the first "
+                         f"{4 * count}, {count} requested")
     boundary = "periodic" if all(f.periodic for f in frames) else "open" if not any(f.periodic for f in frames) else "mixed"
     return frames, boundary
 
