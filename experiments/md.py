@@ -62,6 +62,7 @@ def build_parser():
     p.add_argument("--float64", action="store_true", help="run in float64 (default: the model's training dtype)")
     p.add_argument("--output", required=True, help="trajectory (extended XYZ)")
     p.add_argument("--restart", action="store_true", help="continue from <output>.restart.npz")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing trajectory instead of refusing")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -103,6 +104,9 @@ def main(argv=None):
     sim = md.Simulation(potential, system, config)
     output = Path(args.output)
     restart = output.with_name(output.name + ".restart.npz")
+    if output.exists() and not (args.restart or args.overwrite):
+        raise SystemExit(f"{output} exists: pass --restart to continue it or --overwrite to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
     if args.restart and restart.exists():
         sim.load_restart(restart)
         print(f"restarting from {restart} at step {sim.step}")
