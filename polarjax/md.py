@@ -69,6 +69,7 @@ conserved.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import json
@@ -257,7 +258,7 @@ class ExternalField:
 # ----------------------------------------------------------------------------- potentials
 
 
-class Potential:
+class Potential(abc.ABC):
     """What :class:`Simulation` needs from a potential (jax-md conventions).
 
     ``R`` is fractional when ``periodic`` (jax-md ``periodic_general``), Cartesian otherwise;
@@ -291,9 +292,9 @@ class Potential:
     def box_or_default(self, box, dtype):
         return jnp.asarray(self.box, dtype) if box is None else box
 
+    @abc.abstractmethod
     def forward(self, R, box=None, neighbor=None, perturbation=None, field=None) -> dict:
-        """dict with energy [] (eV), total_dipole [3] (e·Å) and per-atom outputs."""
-        raise NotImplementedError
+        """dict with energy [] (eV), total_dipole [3] (e·Å) and per-atom outputs (subclasses)."""
 
     # -- derived -----------------------------------------------------------------------
     def energy(self, R, box=None, neighbor=None, perturbation=None, field=None):
