@@ -19,8 +19,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_train_frames = 0          # 0 = all
     c.data.skip_invalid = False          # explicit: skip (and report) invalid frames
     c.data.label_keys = ml_collections.ConfigDict(dict(energy="energy", forces="forces", stress="stress", bec="bec"))
-    c.data.pad_node_multiple = 32
-    c.data.pad_edge_multiple = 256
 
     c.model = ml_collections.ConfigDict()
     c.model.encoder = "nequip"

@@ -67,7 +67,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, boundary: st
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=loss)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema_params, params, ema_decay, state.step)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
         for name, (value, count) in terms.items():
             metrics[f"{name}_mse"] = value / jnp.maximum(count, 1.0)
         new_state = state._replace(params=params, opt_state=opt_state, ema_params=ema, step=state.step + 1,
