@@ -73,4 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.float64 = False
     c.train.num_devices = 0              # 0 = all local devices
     c.train.tensorboard = True
+    c.train.orientation_reference = ""  # sign convention of the latent multipoles, e.g. "O=-1";
+                                        # "" = the most electronegative species is negative
+
     return c

@@ -66,6 +66,10 @@ class ModelSpec:
       atomic_energies: E0 per species (eV), added outside the network.
       baseline_charges / baseline_alpha: fixed per-species values added to the learned ones.
       head_kwargs: scales and width of the heads.
+      latent_sign: +1 or -1, multiplies the learned charges, dipoles and quadrupoles. At zero
+        external field the energy is even in the latent sources (every term is quadratic), so
+        energies and forces cannot fix their global sign; it is fixed after training by
+        :mod:`polarjax.training.orientation` (e.g. oxygen negative) and stored in the run.
     """
 
     species: tuple[int, ...]
@@ -80,8 +84,11 @@ class ModelSpec:
     baseline_charges: Optional[tuple[float, ...]] = None
     baseline_alpha: Optional[tuple[float, ...]] = None
     head_kwargs: tuple = ()
+    latent_sign: float = 1.0
 
     def __post_init__(self):
+        if self.latent_sign not in (1.0, -1.0):
+            raise ValueError(f"latent_sign must be +1 or -1, got {self.latent_sign}")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown model variant {self.variant!r}; choose one of {sorted(VARIANTS)}")
         for name in ("atomic_energies", "baseline_charges", "baseline_alpha"):
@@ -201,6 +208,10 @@ class Model:
                    potential=zeros_n, field=zeros_n3, energy_lr=jnp.zeros((num_graphs,), dtype))
         if sources is not None:
             sources = {k: None if v is None else v.astype(dtype) for k, v in sources.items()}
+            if spec.latent_sign != 1.0:
+                for key in ("charges", "dipoles", "quadrupoles"):
+                    if sources[key] is not None:
+                        sources[key] = spec.latent_sign * sources[key]
             sources["charges"] = _add_baseline(sources["charges"], spec.baseline_charges, graph.species, graph.node_mask)
             sources["alpha"] = _add_baseline(sources["alpha"], spec.baseline_alpha, graph.species, graph.node_mask)
             table = graph.graph_atoms

@@ -239,6 +239,21 @@ def test_load_model_uses_best_ema_parameters(trained_run):
                                                         jax.tree_util.tree_leaves(state["params"])))
 
 
+def test_training_orients_the_latent_sign(trained_run, small_dataset):
+    """The run records the sign convention (Cl negative by default) and load_model applies it."""
+    from polarjax import load_model
+    from polarjax.training.dataset import read_frames
+
+    run_dir, _, summary = trained_run
+    stored = json.loads((run_dir / "orientation.json").read_text())
+    assert stored["reference"] == "Cl=-1" and summary["orientation"] == stored
+    loaded = load_model(run_dir)
+    assert loaded.spec.latent_sign == stored["latent_sign"]
+    frames = read_frames(small_dataset, {}, require=())[0][:8]
+    charges = [q for f, item in zip(frames, loaded.predict(frames)) for q, z in zip(item["charges"], f.numbers) if z == 17]
+    assert np.mean(charges) < 0
+
+
 def test_resume_after_extending_num_steps_is_bitwise_exact(trained_run, small_dataset, tmp_path, capsys):
     """N/2 steps, then the same config with num_steps = N in the same run directory, gives
     exactly the parameters, EMA, optimizer state, data position and best checkpoint of the

@@ -77,7 +77,9 @@ class LoadedModel:
 
 
 def load_model(run_dir: str | Path, which: str = "best") -> LoadedModel:
-    """Load a run directory's ``best`` (default) or ``latest`` EMA parameters."""
+    """Load a run directory's ``best`` (default) or ``latest`` EMA parameters, with the global
+    sign of the latent multipoles from its ``orientation.json`` (+1 if the run has none; see
+    :mod:`polarjax.training.orientation`)."""
     from polarjax.training.checkpoint import Checkpoints
 
     run_dir = Path(run_dir)
@@ -88,7 +90,9 @@ def load_model(run_dir: str | Path, which: str = "best") -> LoadedModel:
     config = json.loads((run_dir / "config.json").read_text())
     if config.get("train", {}).get("float64", False):
         jax.config.update("jax_enable_x64", True)
-    spec = spec_from_config(info["model"])
+    from polarjax.training.orientation import read_latent_sign
+
+    spec = dataclasses.replace(spec_from_config(info["model"]), latent_sign=read_latent_sign(run_dir))
     model = build(spec)
     cutoff = float(config["model"]["encoder_kwargs"]["cutoff"])
     dtype = np.float64 if config.get("train", {}).get("float64", False) else np.float32
@@ -99,7 +103,16 @@ def load_model(run_dir: str | Path, which: str = "best") -> LoadedModel:
         raise FileNotFoundError(f"{run_dir} has no {which} checkpoint")
     import orbax.checkpoint as ocp
 
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+    # Restore onto this process's first device whatever device the run was trained on (a
+    # checkpoint written on a GPU records cuda shardings that do not exist on a CPU machine).
+    from etils import epath
+
+    state_dir = epath.Path(manager.directory).absolute() / str(step) / "state"
+    metadata = ocp.StandardCheckpointHandler().metadata(state_dir)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                    metadata.tree)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                              meta=ocp.args.JsonRestore()))
     state = restored["state"]
     params = state["ema_params"] if isinstance(state, dict) else state[2]

@@ -278,11 +278,32 @@ def train(config, workdir: str | Path, overwrite: bool = False) -> dict:
         if datasets[name]:
             summary[name] = evaluate_frames(predict, builder, best_params, datasets[name],
                                             int(config.train.get("eval_batch_size", batch_size)))
+    summary["orientation"] = orient_run(run_dir, model, best_params, config, train_frames)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.log(int(state.step), "final", {k: v for k, v in summary.items() if isinstance(v, (int, float))})
     logger.close()
     checkpoints.close()
     return summary
+
+
+def orient_run(run_dir: Path, model, params, config, train_frames) -> dict:
+    """Fix the global sign of the latent multipoles (see polarjax.training.orientation) from
+    up to 64 training frames and store it in ``orientation.json``."""
+    from polarjax.training.inference import LoadedModel
+    from polarjax.training.orientation import orientation, write_orientation
+
+    cutoff = float(config.model.encoder_kwargs.cutoff)
+    dtype = np.float64 if config.train.get("float64", False) else np.float32
+    loaded = LoadedModel(model, params, cutoff, config.to_dict() if hasattr(config, "to_dict") else dict(config),
+                         run_dir, dtype)
+    reference = str(config.train.get("orientation_reference", "") or "") or None
+    frames = list(train_frames[:64])
+    result = orientation(loaded, frames, reference)
+    write_orientation(run_dir, result)
+    if "reference" in result:
+        print(f"latent sign: {result['latent_sign']:+.0f} ({result['reference']}; mean charges before "
+              + ", ".join(f"{k} {v:+.3f}" for k, v in result["mean_charge_before"].items()) + ")")
+    return result
 
 
 def boundary_of_frames(frames) -> str:
