@@ -531,3 +531,14 @@ def test_evaluate_cli_refuses_to_overwrite(evaluated):
     assert run.returncode != 0
     assert "refusing to overwrite" in run.stderr and str(output) in run.stderr
     assert [p.read_bytes() for p in paths] == before
+
+
+def test_multipole_statistics():
+    """R², Pearson r and the slope of pred ≈ s·ref (used for dipoles and quadrupoles)."""
+    from polarjax.training.evaluation import _stats
+
+    ref = np.random.default_rng(0).normal(size=(20, 3))
+    stats = _stats(-0.5 * ref, ref)
+    assert stats["slope"] == pytest.approx(-0.5) and stats["pearson_r"] == pytest.approx(-1.0)
+    assert stats["r2"] == pytest.approx(1 - 2.25 * np.sum(ref**2) / np.sum((ref - ref.mean())**2))
+    assert _stats(ref, ref)["r2"] == pytest.approx(1.0) and _stats(ref, ref)["rmse"] == 0

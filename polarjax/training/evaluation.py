@@ -44,7 +44,12 @@ def _stats(pred, ref):
     rmse = float(np.sqrt(np.mean(residual**2)))
     ss_tot = float(np.sum((ref - ref.mean()) ** 2))
     r2 = float(1.0 - np.sum(residual**2) / ss_tot) if ss_tot > 0 else float("nan")
-    return {"rmse": rmse, "mae": float(np.mean(np.abs(residual))), "r2": r2}
+    # scale-free measures: Pearson r of the components and the least-squares slope pred ≈ s·ref
+    # (latent multipoles are only defined up to the screening of the long-range interaction)
+    spread = float(np.std(pred) * np.std(ref))
+    pearson = float(np.mean((pred - pred.mean()) * (ref - ref.mean())) / spread) if spread > 0 else float("nan")
+    slope = float(np.dot(pred, ref) / np.dot(ref, ref)) if np.dot(ref, ref) > 0 else float("nan")
+    return {"rmse": rmse, "mae": float(np.mean(np.abs(residual))), "r2": r2, "pearson_r": pearson, "slope": slope}
 
 
 def evaluate(loaded, frames: Sequence, batch_size: int = 16, external_field=None):
@@ -99,10 +104,12 @@ def evaluate(loaded, frames: Sequence, batch_size: int = 16, external_field=None
         summary["stress_mae_meV_per_A3"] = float(np.mean(np.abs(s)))
     if dip_ref:
         stats = _stats(dip_pred, dip_ref)
-        summary.update(dipole_rmse_eA=stats["rmse"], dipole_mae_eA=stats["mae"], dipole_r2=stats["r2"])
+        summary.update(dipole_rmse_eA=stats["rmse"], dipole_mae_eA=stats["mae"], dipole_r2=stats["r2"],
+                       dipole_pearson_r=stats["pearson_r"], dipole_slope=stats["slope"])
     if quad_ref:
         stats = _stats(quad_pred, quad_ref)
-        summary.update(quadrupole_traceless_rmse_eA2=stats["rmse"], quadrupole_traceless_r2=stats["r2"])
+        summary.update(quadrupole_traceless_rmse_eA2=stats["rmse"], quadrupole_traceless_r2=stats["r2"],
+                       quadrupole_traceless_pearson_r=stats["pearson_r"], quadrupole_traceless_slope=stats["slope"])
     return summary, predictions
 
 
@@ -163,8 +170,11 @@ def format_table(summary: dict) -> str:
     for key, label in (("energy_rmse_meV_per_atom", "E RMSE (meV/atom)"), ("energy_mae_meV_per_atom", "E MAE (meV/atom)"),
                        ("forces_rmse_meV_per_A", "F RMSE (meV/Å)"), ("forces_mae_meV_per_A", "F MAE (meV/Å)"),
                        ("stress_rmse_meV_per_A3", "stress RMSE (meV/Å³)"), ("dipole_rmse_eA", "dipole RMSE (e·Å)"),
-                       ("dipole_r2", "dipole R²"), ("quadrupole_traceless_rmse_eA2", "traceless Q RMSE (e·Å²)"),
-                       ("quadrupole_traceless_r2", "traceless Q R²")):
+                       ("dipole_r2", "dipole R²"), ("dipole_pearson_r", "dipole Pearson r"),
+                       ("dipole_slope", "dipole slope (pred/DFT)"),
+                       ("quadrupole_traceless_rmse_eA2", "traceless Q RMSE (e·Å²)"),
+                       ("quadrupole_traceless_r2", "traceless Q R²"), ("quadrupole_traceless_pearson_r", "traceless Q Pearson r"),
+                       ("quadrupole_traceless_slope", "traceless Q slope (pred/DFT)")):
         if key in summary:
             rows.append((label, f"{summary[key]:.4g}"))
     for element, value in summary.get("forces_rmse_meV_per_A_by_element", {}).items():
