@@ -86,7 +86,7 @@ def _selected(request, prefix: str) -> bool:
 def background_jobs(request, tmp_path_factory):
     """Subprocess checks, started as soon as their inputs exist (only for selected tests)."""
     jobs = {}
-    if _selected(request, "test_sharded_step"):
+    if _selected(request, "test_sharded_step") or _selected(request, "test_checkpoint_of_other"):
         jobs["sharded"] = start_sharded_job(tmp_path_factory.mktemp("sharded"))
     yield jobs
     for job, _ in jobs.values():
@@ -414,6 +414,19 @@ SHARDED_SCRIPT = textwrap.dedent("""
         state, m = step(fresh_state(), graphs, labels, weights)
         if mesh is not None:  # really spread over the 4 devices
             assert len(jax.tree_util.tree_leaves(state.params)[0].sharding.device_set) == 4
+        if mesh is not None:  # a checkpoint of mesh-sharded arrays, loaded later by a 1-device process
+            from polarjax.training.checkpoint import Checkpoints
+            run = sys.argv[2]
+            checkpoints = Checkpoints(run)
+            checkpoints.save_best(1, state, {"step": 1})
+            checkpoints.close()
+            model_dict = dict(species=[11, 17], encoder="nequip", variant="les",
+                              atomic_energies=list(spec.atomic_energies),
+                              encoder_kwargs=dict(spec.encoder_kwargs))
+            json.dump({"model": model_dict}, open(run + "/run_info.json", "w"))
+            json.dump({"model": {"encoder_kwargs": {"cutoff": 5.29}}, "train": {"float64": True}},
+                      open(run + "/config.json", "w"))
+            out["ema_params"] = [np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(state.ema_params)]
         out[name] = dict(metrics={k: float(v) for k, v in m.items()},
                          params=[np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(state.params)],
                          dtypes=sorted({str(np.asarray(x).dtype) for x in jax.tree_util.tree_leaves(state.params)}))
@@ -425,9 +438,27 @@ def start_sharded_job(root: Path):
     script = root / "sharded.py"
     script.write_text(SHARDED_SCRIPT)
     result_path = root / "sharded.json"
-    job = Job([sys.executable, str(script), str(result_path)], cwd=REPO,
+    (root / "run").mkdir()
+    job = Job([sys.executable, str(script), str(result_path), str(root / "run")], cwd=REPO,
               env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_ENABLE_X64="1"))
     return job, result_path
+
+
+def test_checkpoint_of_other_devices_loads_here(background_jobs):
+    """A checkpoint written by a 4-device run (arrays sharded over a mesh, like a GPU run)
+    loads in this 1-device process: load_model restores onto the local device."""
+    from polarjax import load_model
+
+    job, result_path = background_jobs["sharded"]
+    run = job.result()
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = load_model(result_path.parent / "run")
+    expected = json.loads(result_path.read_text())["ema_params"]
+    leaves = jax.tree_util.tree_leaves(loaded.params)
+    assert len(leaves) == len(expected)
+    for got, want in zip(leaves, expected):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding.device_set == {jax.devices()[0]}
 
 
 def test_sharded_step_matches_single_device(background_jobs):
