@@ -298,7 +298,12 @@ def orient_run(run_dir: Path, model, params, config, train_frames) -> dict:
                          run_dir, dtype)
     reference = str(config.train.get("orientation_reference", "") or "") or None
     frames = list(train_frames[:64])
-    result = orientation(loaded, frames, reference)
+    try:
+        result = orientation(loaded, frames, reference)
+    except ValueError as error:  # never lose a finished training over the sign convention
+        result = {"latent_sign": 1.0, "error": str(error)}
+        print(f"warning: the latent sign was not oriented ({error}); orient the run with "
+              f"python -m experiments.orient --run {run_dir} --reference ELEMENT=SIGN")
     write_orientation(run_dir, result)
     if "reference" in result:
         print(f"latent sign: {result['latent_sign']:+.0f} ({result['reference']}; mean charges before "
