@@ -88,6 +88,7 @@ from jax_md import partition, simulate, space
 from polarjax import observables
 from polarjax.data.graph import Graph
 from polarjax.data.structures import species_indices, species_lookup, species_table_from_elements
+from polarjax.data.neighbors import neighbor_list as host_neighbor_list
 from polarjax.electrostatics.kgrid import kgrid_bounds, kgrid_weights, kgrid_weights_jax
 
 #: amu in eV·fs²/Å² (1 amu·Å²/fs² = 103.6427 eV).
@@ -421,8 +422,30 @@ class ModelPotential(Potential):
         self._make_neighbor_fns()
 
     # -- neighbor lists ------------------------------------------------------------------
+    def _list_displacement(self):
+        """Displacement for building the neighbor list.
+
+        Periodic: minimum image in fractional coordinates mapped by the box with the three
+        components written out. jax-md's ``periodic_general`` displacement (``box @ ds``) is,
+        vmapped over the N² candidate pairs and jitted, miscompiled by the CPU backend of
+        jax/jaxlib 0.10.2 for more than 2¹⁵ (float32) or 2¹⁴ (float64) pairs
+        (jax-ml/jax#39103: rows past that are wrong), which scrambled the lists of periodic
+        systems above ~180 atoms. The explicit form is not turned into that dot.
+        """
+        if not self.periodic:
+            return space.free()[0]
+        default_box = jnp.asarray(self.box, self.dtype)
+
+        def displacement(Ra, Rb, box=None, **unused):
+            b = default_box if box is None else box
+            ds = Ra - Rb
+            ds = ds - jnp.round(ds)
+            return jnp.stack([b[i, 0] * ds[0] + b[i, 1] * ds[1] + b[i, 2] * ds[2] for i in range(3)])
+
+        return displacement
+
     def _make_neighbor_fns(self):
-        displacement, _ = self.space()
+        displacement = self._list_displacement()
         box = jnp.asarray(self.box) if self.periodic else jnp.ones(3)  # box only sizes the cell list
         self.neighbor_fns = partition.neighbor_list(
             displacement, box, self.list_radius, dr_threshold=0.0, capacity_multiplier=self.capacity_multiplier,
@@ -436,10 +459,26 @@ class ModelPotential(Potential):
             # jax-md stores the cell size as an array in a static (metadata) field; a float keeps
             # pytree comparisons in jit caches well defined
             neighbor = dataclasses.replace(neighbor, cell_size=float(neighbor.cell_size))
+        count = int(jax.jit(self.count_edges)(R, None if box is None else jnp.asarray(box), neighbor))
+        self.check_edge_count(R, box, count)
         if self.edge_capacity is None:
-            count = int(jax.jit(self.count_edges)(R, None if box is None else jnp.asarray(box), neighbor))
             self.edge_capacity = max(16, int(math.ceil(count * self.capacity_multiplier)))
         return neighbor
+
+    def check_edge_count(self, R, box, count: int):
+        """Compare the in-cutoff edges of a freshly built jax-md list with an independent host
+        list (vesin); a mismatch means a wrong list and stops the run (never a silent error)."""
+        cell = np.zeros((3, 3))
+        if self.periodic:
+            cell = np.asarray(self.box if box is None else box, np.float64).T
+        positions = np.asarray(self.cartesian(jnp.asarray(R), None if box is None else jnp.asarray(box)), np.float64)
+        senders, _, _ = host_neighbor_list(positions, cell, self.periodic, self.cutoff)
+        expected = len(senders)
+        if abs(count - expected) > max(2, 1e-4 * expected):  # pairs at the cutoff may differ by rounding
+            raise MDError(
+                f"the jax-md neighbor list holds {count} directed pairs within {self.cutoff} Å but there are "
+                f"{expected} (independent host list): the list is wrong. Known cause: the CPU backend of "
+                f"jax/jaxlib 0.10.2 (jax-ml/jax#39103); this JAX is {jax.__version__}.")
 
     def update_neighbors(self, R, neighbor, box=None):
         """Rebuild the list at R (jax-md, jittable; ``box`` for a variable cell)."""

@@ -364,3 +364,42 @@ def test_restart_continues_identically(tmp_path):
     np.testing.assert_array_equal(traj["step"], rec["step"])
     np.testing.assert_allclose(traj["positions"], rec["positions"], atol=1e-8)
     np.testing.assert_allclose(traj["velocities"], rec["velocities"], atol=1e-8)
+
+
+def _dense_periodic_box(n=200, length=12.0, seed=5):
+    numbers = np.array(([8, 1, 1] * n)[:n])
+    positions = random_positions(n, length, seed, min_dist=1.0)
+    cell = np.eye(3) * length
+    system = md.MDSystem(positions, numbers, cell, True, [MASSES[z] for z in numbers])
+    return system, Structure(positions, numbers, cell, True)
+
+
+def test_large_periodic_box_forces_match_the_model():
+    """200 atoms (40,000 candidate pairs): the MD potential's energy and forces equal the model's
+    on a vesin-built graph. jax-md's own periodic displacement, vmapped over more than 2¹⁴
+    float64 pairs, is miscompiled by jax/jaxlib 0.10.2 on CPU (jax-ml/jax#39103) and gave a
+    wrong neighbor list here before polarjax built the list with its own displacement."""
+    system, structure = _dense_periodic_box()
+    model, params = make_model("les", example=structure, seed=3)
+    potential = md.ModelPotential(model, params, CUTOFF, system)
+    sim = md.Simulation(potential, system, md.MDConfig(ensemble="nve", timestep=0.5, stride=1, frames_per_call=1,
+                                                       initial_velocities="zero"))
+    frame = sim.current_frame()
+    graph = batch_structures([structure], {1: 0, 8: 1}, CUTOFF, dtype=np.float64)
+    reference = jax.jit(lambda p, g: model.properties(p, g, boundary="periodic", include_e0=False))(params, graph)
+    n = system.num_atoms
+    assert int(np.sum(np.asarray(graph.edge_mask))) > 2000
+    np.testing.assert_allclose(np.asarray(frame["forces"]).reshape(n, 3), np.asarray(reference["forces"])[:n], atol=1e-9)
+    np.testing.assert_allclose(float(np.asarray(frame["energy"]).ravel()[0]),
+                               float(reference["energy"][0]) + potential.energy_offset, rtol=1e-10, atol=1e-9)
+
+
+def test_wrong_neighbor_list_is_refused(monkeypatch):
+    """A jax-md list that disagrees with the independent host list stops the run."""
+    system, structure = water_like(True, cell=np.eye(3) * 9.0)
+    model, params = make_model("sr", example=structure)
+    real = md.host_neighbor_list
+    monkeypatch.setattr(md, "host_neighbor_list", lambda *a: tuple(x[:-6] for x in real(*a)))
+    with pytest.raises(md.MDError, match="neighbor list holds"):
+        md.ModelPotential(model, params, CUTOFF, system).allocate_neighbors(
+            jnp.asarray(system.positions @ np.linalg.inv(system.cell)))
