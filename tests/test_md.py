@@ -403,3 +403,21 @@ def test_wrong_neighbor_list_is_refused(monkeypatch):
     with pytest.raises(md.MDError, match="neighbor list holds"):
         md.ModelPotential(model, params, CUTOFF, system).allocate_neighbors(
             jnp.asarray(system.positions @ np.linalg.inv(system.cell)))
+
+
+def test_supercell_is_extensive_for_large_systems():
+    """The model on a 2×2×2 replica (1,600 atoms, >16,384 edges in float64) gives 8× the energy
+    and the replicated forces of the 200-atom cell: periodic images are consistent, and the
+    large-array paths of the model are not hit by CPU miscompilations like jax-ml/jax#39103."""
+    system, structure = _dense_periodic_box()
+    model, params = make_model("les", example=structure, seed=3)
+    big = system.replicate((2, 2, 2))
+    graphs = [batch_structures([s], {1: 0, 8: 1}, CUTOFF, dtype=np.float64)
+              for s in (structure, Structure(big.positions, big.atomic_numbers, big.cell, True))]
+    assert int(np.sum(np.asarray(graphs[1].edge_mask))) > 16384
+    props = jax.jit(lambda p, g: model.properties(p, g, boundary="periodic", include_e0=False))
+    small, large = props(params, graphs[0]), props(params, graphs[1])
+    for key in ("energy_sr", "energy_lr"):
+        np.testing.assert_allclose(float(large[key][0]), 8 * float(small[key][0]), rtol=1e-9, err_msg=key)
+    np.testing.assert_allclose(np.asarray(large["forces"])[:big.num_atoms],
+                               np.tile(np.asarray(small["forces"])[:system.num_atoms], (8, 1)), atol=1e-9)
