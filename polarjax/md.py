@@ -459,7 +459,9 @@ class ModelPotential(Potential):
             # jax-md stores the cell size as an array in a static (metadata) field; a float keeps
             # pytree comparisons in jit caches well defined
             neighbor = dataclasses.replace(neighbor, cell_size=float(neighbor.cell_size))
-        count = int(jax.jit(self.count_edges)(R, None if box is None else jnp.asarray(box), neighbor))
+        if getattr(self, "_count_edges_jit", None) is None:
+            self._count_edges_jit = jax.jit(self.count_edges)
+        count = int(self._count_edges_jit(R, None if box is None else jnp.asarray(box), neighbor))
         self.check_edge_count(R, box, count)
         if self.edge_capacity is None:
             self.edge_capacity = max(16, int(math.ceil(count * self.capacity_multiplier)))
