@@ -573,3 +573,17 @@ def test_multipole_statistics():
     assert stats["slope"] == pytest.approx(-0.5) and stats["pearson_r"] == pytest.approx(-1.0)
     assert stats["r2"] == pytest.approx(1 - 2.25 * np.sum(ref**2) / np.sum((ref - ref.mean())**2))
     assert _stats(ref, ref)["r2"] == pytest.approx(1.0) and _stats(ref, ref)["rmse"] == 0
+
+
+@pytest.mark.parametrize("name", ["nacl", "water", "water_alpha", "dipeptides", "hfo2"])
+def test_shipped_configs_load_and_define_a_model(name):
+    """Every shipped config resolves (including configs built on other configs) to a valid model spec."""
+    import importlib
+
+    from polarjax.models import spec_from_config
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    model = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    spec = spec_from_config({**model, "species": [1, 8]})
+    assert spec.variant == config.model.variant and config.train.num_steps > 0
+    assert config.data.train_file
