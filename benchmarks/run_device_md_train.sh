@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call: the validation trainings of docs/results.md side by side on one GPU
 # (run dirs come back as $OUT/runs.tgz), then the GPU MD benchmark (benchmarks/md.py).
-# Expects .whl/ (wheels missing on the GPU image) and .gpudata/ (copies of ../shared/data files).
+# Expects .whl/ (wheels missing on the GPU image: e3nn-jax, jax-md, jraph, ml-collections, ase, vesin,
+# tensorboardX) and .gpudata/ (copies of the ../shared/data files it trains on).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
