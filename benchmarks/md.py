@@ -28,17 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.electrostatics import _unique_path
+
 WATER = Path(__file__).resolve().parents[2] / "shared" / "data" / "water_rpbe_d3.xyz"
 ENCODER = dict(cutoff=4.5, num_channels=16, l_max=2, num_layers=2, num_radial_basis=8, avg_num_neighbors=30.0)
-
-
-def _unique_path(path: Path, overwrite: bool) -> Path:
-    if overwrite or not path.exists():
-        return path
-    index = 1
-    while path.with_name(f"{path.stem}.{index}{path.suffix}").exists():
-        index += 1
-    return path.with_name(f"{path.stem}.{index}{path.suffix}")
 
 
 def random_params(model, graph, seed, dtype):

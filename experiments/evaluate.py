@@ -29,7 +29,7 @@ def main(argv=None):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    from polarjax.training.dataset import check_species, read_frames
+    from polarjax.training.dataset import check_species, parse_label_keys, read_frames
     from polarjax.training.evaluation import evaluate, format_table, parity_plots, write_predictions
     from polarjax.training.inference import load_model
 
@@ -38,12 +38,10 @@ def main(argv=None):
     existing = [str(p) for p in outputs if p.exists()]
     if existing and not args.overwrite:
         sys.exit(f"refusing to overwrite {existing}; pass --overwrite or choose another --output")
-    keys = {}
-    for item in args.keys:
-        if "=" not in item:
-            sys.exit(f"--keys entries must look like name=key, got {item!r}")
-        name, key = item.split("=", 1)
-        keys[name] = key
+    try:
+        keys = parse_label_keys(args.keys)
+    except ValueError as error:
+        sys.exit(f"--keys: {error}")
     loaded = load_model(args.run, args.checkpoint)
     frames, report = read_frames(args.data, keys, require=())
     check_species(frames, loaded.spec.species)

@@ -177,18 +177,16 @@ def main(argv=None):
 
     logging.set_verbosity(logging.WARNING)
     from polarjax.observables import ResponseConfig
-    from polarjax.training.dataset import check_species, read_frames
+    from polarjax.training.dataset import check_species, parse_label_keys, read_frames
     from polarjax.training.inference import load_model
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         sys.exit(f"refusing to overwrite {output}; pass --overwrite or choose another --output")
-    keys = {}
-    for item in args.keys:
-        if "=" not in item:
-            sys.exit(f"--keys entries must look like name=key, got {item!r}")
-        name, key = item.split("=", 1)
-        keys[name] = key
+    try:
+        keys = parse_label_keys(args.keys)
+    except ValueError as error:
+        sys.exit(f"--keys: {error}")
     loaded = load_model(args.run, args.checkpoint)
     if args.split:
         from polarjax.training.loop import load_datasets

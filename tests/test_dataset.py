@@ -324,3 +324,13 @@ def test_split_indices_reproducible_disjoint_covering():
 def test_split_indices_rejects_bad_fractions(valid, test):
     with pytest.raises(ValueError, match="invalid split fractions"):
         split_indices(10, valid, test, seed=0)
+
+
+def test_label_key_overrides_parse_and_refuse_malformed_entries():
+    from polarjax.training.dataset import parse_label_keys
+
+    assert parse_label_keys(["forces=force", "bec=BEC"]) == {"forces": "force", "bec": "BEC"}
+    assert parse_label_keys([]) == {}
+    for bad in ("force", "=force", "forces="):
+        with pytest.raises(ValueError, match="name=key"):
+            parse_label_keys([bad])

@@ -152,6 +152,17 @@ class ReadReport:
     fingerprint: str
 
 
+def parse_label_keys(items: Sequence[str]) -> dict[str, str]:
+    """``["forces=force", "energy=E"]`` (command-line overrides) → ``{"forces": "force", "energy": "E"}``."""
+    keys = {}
+    for item in items:
+        name, sep, key = item.partition("=")
+        if not sep or not name or not key:
+            raise ValueError(f"label key overrides must look like name=key, got {item!r}")
+        keys[name] = key
+    return keys
+
+
 def file_fingerprint(path: str | Path) -> str:
     """SHA-256 of the file contents (recorded in run directories)."""
     digest = hashlib.sha256()
